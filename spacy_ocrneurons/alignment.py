@@ -1,0 +1,201 @@
+"""Word-piece ↔ spaCy-token alignment, windowing over word pieces, and BIO decoding with repair.
+
+We align with the fast tokenizer's character offsets, not spacy-transformers' alignment: with
+SentencePiece/Metaspace tokenizers (Llama, Mistral) a piece such as ``▁Paris`` carries the offset of the
+*preceding space*, and spacy-transformers aligns each token to the next word's first piece as well
+(spaCy issue 13730). Here a piece's span is first stripped of leading whitespace, and a token's
+*first piece* is the first piece whose stripped span overlaps the token.
+
+The same encoding serves training and inference, so labels are always learned and read on the same pieces.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from spacy.util import registry
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedText:
+    """Word pieces of one text and their alignment to its tokens.
+
+    ``first_piece[t]`` is the index (in ``input_ids``) of token ``t``'s first piece, or -1 when the token has no
+    piece of its own (whitespace tokens, or a token whose characters sit inside a piece that began in an earlier
+    token, e.g. ``.`` in the piece ``▁Paris.``).
+    """
+
+    input_ids: List[int]
+    offsets: List[Tuple[int, int]]
+    first_piece: List[int]
+
+
+def strip_piece_spans(text: str, offsets: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Piece spans with leading whitespace removed (Metaspace pieces include the space before a word)."""
+    out = []
+    for start, end in offsets:
+        while start < end and text[start].isspace():
+            start += 1
+        out.append((start, end))
+    return out
+
+
+def align_first_pieces(text: str, token_spans: Sequence[Tuple[int, int]],
+                       offsets: Sequence[Tuple[int, int]]) -> List[int]:
+    """Index of each token's first piece (-1 if none), in one linear pass over tokens and pieces.
+
+    ``token_spans`` are (start_char, end_char) of the tokens in order; ``offsets`` the pieces' character offsets.
+    A token owns a piece when the piece's whitespace-stripped start lies inside the token; a token that owns none
+    gets -1 (its label is decided by its neighbours, see :func:`decode_bio`).
+    """
+    spans = strip_piece_spans(text, offsets)
+    first = [-1] * len(token_spans)
+    p = 0
+    n = len(spans)
+    for t, (ts, te) in enumerate(token_spans):
+        while p < n and (spans[p][1] <= spans[p][0] or spans[p][0] < ts):  # empty pieces, or pieces before token
+            p += 1
+        if p < n and ts <= spans[p][0] < te:
+            first[t] = p
+    return first
+
+
+def encode_text(tokenizer: Any, text: str, token_spans: Sequence[Tuple[int, int]]) -> EncodedText:
+    """Tokenize ``text`` once (no special tokens) and align pieces to ``token_spans``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: spacy-ocrneurons needs character offsets "
+            "(save the tokenizer with `tokenizers`/`PreTrainedTokenizerFast`, i.e. a tokenizer.json)."
+        )
+    if not text:
+        return EncodedText([], [], [-1] * len(token_spans))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    return EncodedText(list(enc["input_ids"]), offsets, align_first_pieces(text, token_spans, offsets))
+
+
+@dataclass
+class Window:
+    """A slice ``[start, end)`` of a text's pieces, fed to the model as one sequence (BOS prepended if used)."""
+
+    doc_index: int
+    start: int
+    end: int
+    owned_start: int  # pieces [owned_start, owned_end) take their labels from this window
+    owned_end: int
+
+
+@registry.misc("ocrneurons.windows.v1")
+def make_window_strategy() -> Any:
+    """Registered strategy: windows of ``max_length`` pieces overlapping by ``stride``; each piece is read from
+    the window where it has the most left context (the earliest window that contains it)."""
+    return plan_windows
+
+
+def plan_windows(n_pieces: int, max_length: int, stride: int, doc_index: int = 0) -> List[Window]:
+    """Cover ``n_pieces`` with windows of at most ``max_length`` pieces overlapping by ``stride`` pieces.
+
+    Since the model reads left to right, a piece has the most left context in the *earliest* window that holds it,
+    so each window owns the pieces from where the previous one ended. Nothing is ever dropped.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not 0 <= stride < max_length:
+        raise ValueError(f"stride must be in [0, max_length), got stride={stride}, max_length={max_length}")
+    windows: List[Window] = []
+    start = 0
+    owned_start = 0
+    while True:
+        end = min(start + max_length, n_pieces)
+        windows.append(Window(doc_index, start, end, owned_start, end))
+        if end >= n_pieces:
+            break
+        owned_start = end
+        start = end - stride
+    return windows
+
+
+def repair_bio(tags: Sequence[str]) -> List[str]:
+    """Make a BIO sequence valid: an ``I-X`` that does not continue an ``X`` entity becomes ``B-X``."""
+    out: List[str] = []
+    prev = "O"
+    for tag in tags:
+        if tag.startswith("I-"):
+            label = tag[2:]
+            if prev == "O" or prev[2:] != label:
+                tag = "B-" + label
+        elif not (tag == "O" or tag.startswith("B-")):
+            tag = "O"
+        out.append(tag)
+        prev = tag
+    return out
+
+
+def fill_unowned(tags: Sequence[Optional[str]]) -> List[str]:
+    """Tags for tokens without a piece of their own (``None``): ``I-X`` when both neighbours belong to the same
+    entity X (the next one continuing it with ``I-X``), else ``O``. Keeps entities contiguous across odd
+    whitespace and pieces shared between tokens, never starts an entity on such a token."""
+    out: List[str] = []
+    n = len(tags)
+    for i, tag in enumerate(tags):
+        if tag is not None:
+            out.append(tag)
+            continue
+        prev = out[-1] if out else "O"
+        nxt = next((t for t in tags[i + 1:] if t is not None), "O")
+        if prev != "O" and nxt.startswith("I-") and nxt[2:] == prev[2:]:
+            out.append("I-" + prev[2:])
+        else:
+            out.append("O")
+    return out
+
+
+def bio_to_spans(tags: Sequence[str]) -> List[Tuple[int, int, str]]:
+    """Token-index spans ``(start, end, label)`` of a (repaired) BIO sequence."""
+    spans: List[Tuple[int, int, str]] = []
+    start, label = None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        if tag.startswith("B-") or tag == "O" or (tag.startswith("I-") and tag[2:] != label):
+            if start is not None:
+                spans.append((start, i, label))
+                start, label = None, None
+            if tag.startswith(("B-", "I-")):
+                start, label = i, tag[2:]
+    return spans
+
+
+def decode_bio(token_tags: Sequence[Optional[str]]) -> List[Tuple[int, int, str]]:
+    """Entity spans from per-token tags (``None`` = token without its own piece), with BIO repair."""
+    return bio_to_spans(repair_bio(fill_unowned(repair_bio_keep_none(token_tags))))
+
+
+def repair_bio_keep_none(tags: Sequence[Optional[str]]) -> List[Optional[str]]:
+    """:func:`repair_bio` over the tokens that have a tag, skipping ``None`` (unowned) tokens."""
+    owned = [t for t in tags if t is not None]
+    fixed = iter(repair_bio(owned))
+    return [None if t is None else next(fixed) for t in tags]
+
+
+def label_list(entity_types: Sequence[str]) -> List[str]:
+    """The fixed label order: ``O``, then ``B-X``, ``I-X`` for each type in sorted order."""
+    labels = ["O"]
+    for t in sorted(set(entity_types)):
+        labels += [f"B-{t}", f"I-{t}"]
+    return labels
+
+
+def token_char_spans(doc: Any) -> List[Tuple[int, int]]:
+    """(start_char, end_char) of each token of a spaCy Doc."""
+    return [(t.idx, t.idx + len(t.text)) for t in doc]
+
+
+def piece_labels(encoded: EncodedText, token_tags: Sequence[str], label2id: Dict[str, int]) -> List[int]:
+    """Training targets: each token's tag on its first piece, ``IGNORE_INDEX`` everywhere else."""
+    targets = [IGNORE_INDEX] * len(encoded.input_ids)
+    for t, p in enumerate(encoded.first_piece):
+        if p >= 0:
+            tag = token_tags[t]
+            if tag not in label2id:
+                raise KeyError(f"Tag {tag!r} of token {t} is not in the label map {sorted(label2id)}")
+            targets[p] = label2id[tag]
+    return targets
