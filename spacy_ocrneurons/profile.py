@@ -265,7 +265,8 @@ class NeutralizationProfile:
         rng = random.Random(seed)
         neurons = {}
         for layer in sorted(self.neurons):
-            pool = [i for i in range(width) if not (exclude_identified and i in set(self.neurons[layer]))]
+            taken = set(self.neurons[layer]) if exclude_identified else set()
+            pool = [i for i in range(width) if i not in taken]
             k = len(self.neurons[layer])
             if k > len(pool):
                 pool = list(range(width))
