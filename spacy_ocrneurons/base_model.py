@@ -82,7 +82,7 @@ def build_token_classifier(arch: str, tokenizer: Any, labels: List[str], seed: i
     return model
 
 
-def pretrain_causal_lm(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 600, batch_size: int = 16,
+def pretrain_causal_lm(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int = 300, batch_size: int = 16,
                        block_size: int = 128, lr: float = 3e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05,
                        schedule: str = "cosine", max_grad_norm: float = 1.0, seed: int = 0, eval_blocks: int = 32,
                        progress: bool = True) -> dict:
@@ -157,7 +157,7 @@ def pretrain_causal_lm(model: Any, tokenizer: Any, texts: Sequence[str], *, step
 
 def build_demo_base_model(texts: Iterable[str], output_dir: Any, arch: str = "llama", vocab_size: int = 2000,
                           hidden_size: int = 128, layers: int = 4, intermediate_size: int = 344, heads: int = 4,
-                          kv_heads: Optional[int] = None, steps: int = 600, batch_size: int = 16,
+                          kv_heads: Optional[int] = None, steps: int = 300, batch_size: int = 16,
                           block_size: int = 128, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> Any:
     """Train a BPE tokenizer and a small Llama/Mistral causal LM on unlabeled ``texts``; save it as a normal HF
     checkpoint (model + tokenizer + ``pretraining.json``) in ``output_dir`` and return that path.
