@@ -165,6 +165,11 @@ def load_token_classifier(model: Union[str, Path], adapter: Union[str, Path, Non
     labels = list(labels)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if adapter_dir is not None:  # the classifier head comes from the adapter: silence "newly initialized: score"
+        hf_logging.set_verbosity_error()
     try:
         net = AutoModelForTokenClassification.from_pretrained(
             str(model), num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -177,6 +182,8 @@ def load_token_classifier(model: Union[str, Path], adapter: Union[str, Path, Non
         raise UnsupportedArchitectureError(
             f"Cannot build a token classifier from {str(model)!r} ({getattr(config, 'model_type', '?')}): {err}"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     decoder_layers(net)  # fail early with a clear error for unsupported architectures
     if adapter_dir is not None:
         from peft import PeftModel
