@@ -137,6 +137,13 @@ class OcrNeuronsNER(Pipe):
         self._tokenizer_dir: Optional[str] = None
         self._labels_dir: Optional[str] = None
 
+    def __reduce__(self) -> Any:
+        # worker processes (nlp.pipe(n_process=N), archives) load the model themselves, once each, instead of
+        # receiving a pickled copy of the weights
+        state = dict(self.__dict__)
+        state["_loaded"] = None
+        return (_unpickle_component, (type(self), state))
+
     # ---------------------------------------------------------------------------------- config
     def _check_cfg(self) -> None:
         cfg = self.cfg
@@ -325,6 +332,12 @@ class OcrNeuronsNER(Pipe):
 
     def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = SimpleFrozenList()) -> "OcrNeuronsNER":
         raise NotImplementedError("ocrneurons_ner holds model files: use nlp.to_disk / spacy.load instead of from_bytes.")
+
+
+def _unpickle_component(cls: type, state: Dict[str, Any]) -> "OcrNeuronsNER":
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
 
 
 def _copy_tree(src: Path, dst: Path, only: Optional[Iterable[str]] = None) -> None:

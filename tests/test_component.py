@@ -338,3 +338,16 @@ def test_nlp_evaluate_reports_entity_scores(tmp_path, tokenizer, labels):
     assert scores["ents_p"] == pytest.approx(2 / 3)
     assert scores["ents_r"] == pytest.approx(1.0)
     assert scores["ents_per_type"]["loc"]["r"] == pytest.approx(1.0)
+
+
+def test_pickled_component_reloads_lazily_instead_of_copying_weights(tmp_path, tokenizer, labels):
+    import pickle
+
+    save_tiny_checkpoint(tmp_path, "llama", tokenizer, labels, head_bias=_bias_for(labels, "B-loc"))
+    nlp = spacy.blank("fr")
+    ner = nlp.add_pipe("ocrneurons_ner", config={"model": str(tmp_path)})
+    expected = [(e.text, e.label_) for e in nlp("Paris et Lyon").ents]
+    assert ner._loaded is not None
+    clone = pickle.loads(pickle.dumps(ner))
+    assert clone._loaded is None
+    assert [(e.text, e.label_) for e in clone(nlp.make_doc("Paris et Lyon")).ents] == expected
