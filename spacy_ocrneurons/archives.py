@@ -59,6 +59,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from .hipe import HIPE_COLUMNS
+
 INPUT_FORMATS = ("text", "jsonl", "alto", "page")
 OUTPUT_FORMATS = ("jsonl", "docbin", "hipe")
 USER_DATA_KEY = "ocrneurons_archive"
@@ -74,18 +76,6 @@ SHARD_PATTERNS = {
     "hipe": "hipe-{:05d}.tsv",
 }
 _SHARD_RE = re.compile(r"^(records|docs|hipe)-(\d{5,})\.(jsonl|spacy|tsv)$")
-HIPE_COLUMNS = (
-    "TOKEN",
-    "NE-COARSE-LIT",
-    "NE-COARSE-METO",
-    "NE-FINE-LIT",
-    "NE-FINE-METO",
-    "NE-FINE-COMP",
-    "NE-NESTED",
-    "NEL-LIT",
-    "NEL-METO",
-    "MISC",
-)
 _EXTENSIONS = {
     ".txt": "text",
     ".text": "text",
@@ -612,32 +602,16 @@ def _parse_page(root, builder: _TextBuilder) -> Dict[str, Any]:
                 line_id = line.get("id")
                 builder.sep(" ")
                 words = [w for w in line if _local(w) == "Word"]
-                if words:
-                    for w in words:
-                        text, conf = _page_text_equiv(w)
-                        if not text or not text.strip():
-                            continue
-                        poly = _page_points(w)
-                        for piece in text.split():
-                            builder.add(piece, [{
-                                "id": w.get("id"),
-                                "text": text,
-                                "box": _box_from_points(poly) if poly else None,
-                                "polygon": poly,
-                                "conf": conf,
-                                "page": page_id,
-                                "block": region_id,
-                                "line": line_id,
-                            }])
-                            builder.sep(" ")
-                else:  # no Word level: the line is the finest source unit
-                    text, conf = _page_text_equiv(line)
+                # without a Word level the line is the finest source unit
+                units, extra = (words, {}) if words else ([line], {"granularity": "line"})
+                for unit in units:
+                    text, conf = _page_text_equiv(unit)
                     if not text or not text.strip():
                         continue
-                    poly = _page_points(line)
+                    poly = _page_points(unit)
                     for piece in text.split():
                         builder.add(piece, [{
-                            "id": line_id,
+                            "id": unit.get("id"),
                             "text": text,
                             "box": _box_from_points(poly) if poly else None,
                             "polygon": poly,
@@ -645,7 +619,7 @@ def _parse_page(root, builder: _TextBuilder) -> Dict[str, Any]:
                             "page": page_id,
                             "block": region_id,
                             "line": line_id,
-                            "granularity": "line",
+                            **extra,
                         }])
                         builder.sep(" ")
     return {}

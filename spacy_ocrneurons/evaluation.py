@@ -213,52 +213,22 @@ class PreparedTexts:
 
     def __init__(self, loaded: Any, items: Sequence[Tuple[str, Sequence[Tuple[int, int]]]], *, max_length: int = 512,
                  stride: int = 64, batch_size: int = 4096):
-        import torch
+        from .modeling import encode_windows, padded_batches
 
-        from .alignment import encode_text
-        from .modeling import pack_batches, windows_for_text
-
-        tok = loaded.tokenizer
-        self.encodings = [encode_text(tok, text, spans) for text, spans in items]
-        inputs = []
-        for i, enc in enumerate(self.encodings):
-            if enc.input_ids:
-                inputs.extend(windows_for_text(tok, enc, max_length, stride, i))
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.batches = []
-        for batch in pack_batches([len(w.ids) for w in inputs], batch_size):
-            rows = [inputs[i] for i in batch]
-            width = max(len(w.ids) for w in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, w in enumerate(rows):
-                ids[r, : len(w.ids)] = torch.tensor(w.ids, dtype=torch.long)
-                mask[r, : len(w.ids)] = 1
-            self.batches.append((rows, ids.to(loaded.device), mask.to(loaded.device)))
+        self.encodings, windows = encode_windows(loaded.tokenizer, items, max_length, stride)
+        self.batches = list(padded_batches(loaded, windows, batch_size))
 
     def tag(self, loaded: Any) -> List[List[Tuple[Optional[str], float]]]:
         """Per-token ``(tag, probability)`` per text (``tag`` None for a token without a piece of its own)."""
         import torch
 
-        from .modeling import forward_logits
+        from .modeling import PiecePredictions, forward_logits
 
-        piece_pred = [[0] * len(e.input_ids) for e in self.encodings]
-        piece_prob = [[0.0] * len(e.input_ids) for e in self.encodings]
+        predictions = PiecePredictions(self.encodings)
         with torch.inference_mode():
             for rows, ids, mask in self.batches:
-                logits = forward_logits(loaded, ids, mask)
-                best_p, best = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-                best_p, best = best_p.cpu().tolist(), best.cpu().tolist()
-                for r, w in enumerate(rows):
-                    preds, ps = piece_pred[w.text_index], piece_prob[w.text_index]
-                    for piece in range(w.owned_start, w.owned_end):
-                        pos = piece - w.piece_start + w.offset
-                        preds[piece] = best[r][pos]
-                        ps[piece] = best_p[r][pos]
-        return [
-            [(None, 0.0) if p < 0 else (loaded.labels[piece_pred[t][p]], piece_prob[t][p]) for p in enc.first_piece]
-            for t, enc in enumerate(self.encodings)
-        ]
+                predictions.add(rows, forward_logits(loaded, ids, mask))
+        return predictions.token_tags(loaded.labels)
 
     def predict_bio(self, loaded: Any) -> List[List[str]]:
         """Decoded IOB2 tags per text."""

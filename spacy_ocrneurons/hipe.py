@@ -553,7 +553,7 @@ def docs_to_hipe(
     current_key = None
     for n, doc in enumerate(docs):
         info = doc._.get(DOC_EXT) if doc.has_extension(DOC_EXT) else None
-        tags = _doc_bio(doc)
+        tags = doc_bio_tags(doc)
         if info is None:
             result.append(_plain_doc_to_hipe(doc, tags, column, tuple(columns), n))
             current_key = None
@@ -595,7 +595,8 @@ def docs_to_hipe(
     return result
 
 
-def _doc_bio(doc: "Doc") -> List[str]:
+def doc_bio_tags(doc: "Doc") -> List[str]:
+    """One IOB tag per token of ``doc`` from ``doc.ents`` (``"O"`` outside entities)."""
     tags = ["O"] * len(doc)
     for ent in doc.ents:
         for i in range(ent.start, ent.end):
@@ -640,13 +641,8 @@ def convert_hipe_to_docbin(
     lang: Optional[str] = None,
 ) -> int:
     """HIPE TSV -> spaCy DocBin (user data kept, so the reverse conversion is exact). Returns the number of Docs."""
-    from spacy.tokens import DocBin
-
     docs = hipe_to_docs(read_hipe_tsv(in_tsv), blank_vocab(lang), column=column, split=split)
-    db = DocBin(store_user_data=True, docs=docs)
-    out_spacy = Path(out_spacy)
-    out_spacy.parent.mkdir(parents=True, exist_ok=True)
-    db.to_disk(out_spacy)
+    write_docbin(docs, out_spacy)
     return len(docs)
 
 
@@ -659,6 +655,15 @@ def read_docbin(path: PathLike, lang: Optional[str] = None) -> List["Doc"]:
     if not path.exists():
         raise FileNotFoundError(f"DocBin file not found: {path}")
     return list(DocBin().from_disk(path).get_docs(blank_vocab(lang)))
+
+
+def write_docbin(docs: Iterable["Doc"], path: PathLike) -> None:
+    """Write Docs to a ``.spacy`` DocBin file with their user data (parent folders are created)."""
+    from spacy.tokens import DocBin
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    DocBin(store_user_data=True, docs=docs).to_disk(path)
 
 
 def convert_docbin_to_hipe(

@@ -410,7 +410,7 @@ def _run_side(loaded: Any, side: _Side, n_items: int, layers: Sequence[int], sit
     """Forward all sequences of one side; mean of the gathered site outputs per item, per layer (float32)."""
     import torch
 
-    from .modeling import model_inputs, pack_batches
+    from .modeling import model_inputs, pack_batches, pad_batch
 
     model = loaded.model
     tok = loaded.tokenizer
@@ -441,13 +441,7 @@ def _run_side(loaded: Any, side: _Side, n_items: int, layers: Sequence[int], sit
                         items_.append(item)
                 if not rows_:
                     continue
-                longest = max(len(side.seqs[s]) for s in batch)
-                ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), longest), dtype=torch.long)
-                for r, s in enumerate(batch):
-                    seq = side.seqs[s]
-                    ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    mask[r, : len(seq)] = 1
+                ids, mask = pad_batch([side.seqs[s] for s in batch], pad_id)
                 state["rows"] = torch.tensor(rows_, dtype=torch.long, device=device)
                 state["pos"] = torch.tensor(pos_, dtype=torch.long, device=device)
                 state["items"] = torch.tensor(items_, dtype=torch.long)

@@ -275,6 +275,70 @@ def pack_batches(lengths: Sequence[int], token_budget: int) -> List[List[int]]:
     return batches
 
 
+def encode_windows(tokenizer: Any, items: Sequence[Tuple[str, Sequence[Tuple[int, int]]]], max_length: int,
+                   stride: int) -> Tuple[List[EncodedText], List[WindowInput]]:
+    """Encode each ``(text, token_spans)`` and split it into model inputs (a text without pieces gets none)."""
+    encodings = [encode_text(tokenizer, text, spans) for text, spans in items]
+    windows: List[WindowInput] = []
+    for i, enc in enumerate(encodings):
+        if enc.input_ids:
+            windows.extend(windows_for_text(tokenizer, enc, max_length, stride, i))
+    return encodings, windows
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> Tuple[Any, Any]:
+    """Right-pad piece id sequences to the longest: ``(input_ids, attention_mask)`` as long tensors."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids, mask
+
+
+def padded_batches(loaded: LoadedModel, windows: Sequence[WindowInput], batch_size: int):
+    """Yield ``(windows, input_ids, attention_mask)``: length-sorted batches packed under a token budget of
+    ``batch_size`` pieces, right-padded and on the model's device."""
+    tok = loaded.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for batch in pack_batches([len(w.ids) for w in windows], batch_size):
+        rows = [windows[i] for i in batch]
+        ids, mask = pad_batch([w.ids for w in rows], pad_id)
+        yield rows, ids.to(loaded.device), mask.to(loaded.device)
+
+
+class PiecePredictions:
+    """Best label id and probability of every word piece of every text, filled from the logits of its windows."""
+
+    def __init__(self, encodings: Sequence[EncodedText]):
+        self.encodings = encodings
+        self.pred = [[0] * len(e.input_ids) for e in encodings]
+        self.prob = [[0.0] * len(e.input_ids) for e in encodings]
+
+    def add(self, rows: Sequence[WindowInput], logits: Any) -> None:
+        """Record the arg-max of ``logits`` (one row per window) at the pieces each window owns."""
+        import torch
+
+        best_p, best = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        best_p, best = best_p.cpu().tolist(), best.cpu().tolist()
+        for r, w in enumerate(rows):
+            preds, ps = self.pred[w.text_index], self.prob[w.text_index]
+            for piece in range(w.owned_start, w.owned_end):
+                pos = piece - w.piece_start + w.offset
+                preds[piece] = best[r][pos]
+                ps[piece] = best_p[r][pos]
+
+    def token_tags(self, labels: Sequence[str]) -> List[List[Tuple[Optional[str], float]]]:
+        """Per-token ``(tag, probability)`` of each text from its first piece (``(None, 0.0)`` without one)."""
+        return [
+            [(None, 0.0) if p < 0 else (labels[self.pred[t][p]], self.prob[t][p]) for p in enc.first_piece]
+            for t, enc in enumerate(self.encodings)
+        ]
+
+
 def tag_texts(loaded: LoadedModel, items: Sequence[Tuple[str, Sequence[Tuple[int, int]]]], *, max_length: int = 512,
               stride: int = 64, batch_size: int = 4096) -> List[List[Tuple[Optional[str], float]]]:
     """Per-token ``(tag, probability)`` for each ``(text, token_spans)``; ``tag`` is None for a token without a
@@ -282,38 +346,9 @@ def tag_texts(loaded: LoadedModel, items: Sequence[Tuple[str, Sequence[Tuple[int
     token budget of ``batch_size`` pieces per forward pass."""
     import torch
 
-    tok = loaded.tokenizer
-    encodings = [encode_text(tok, text, spans) for text, spans in items]
-    inputs: List[WindowInput] = []
-    for i, enc in enumerate(encodings):
-        if enc.input_ids:
-            inputs.extend(windows_for_text(tok, enc, max_length, stride, i))
-    # per text: best label id and probability for each piece
-    piece_pred = [[0] * len(e.input_ids) for e in encodings]
-    piece_prob = [[0.0] * len(e.input_ids) for e in encodings]
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    encodings, windows = encode_windows(loaded.tokenizer, items, max_length, stride)
+    predictions = PiecePredictions(encodings)
     with torch.inference_mode():
-        for batch in pack_batches([len(w.ids) for w in inputs], batch_size):
-            rows = [inputs[i] for i in batch]
-            width = max(len(w.ids) for w in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, w in enumerate(rows):
-                ids[r, : len(w.ids)] = torch.tensor(w.ids, dtype=torch.long)
-                mask[r, : len(w.ids)] = 1
-            logits = forward_logits(loaded, ids.to(loaded.device), mask.to(loaded.device))
-            probs = torch.softmax(logits.float(), dim=-1)
-            best_p, best = probs.max(dim=-1)
-            best_p, best = best_p.cpu().tolist(), best.cpu().tolist()
-            for r, w in enumerate(rows):
-                preds, ps = piece_pred[w.text_index], piece_prob[w.text_index]
-                for piece in range(w.owned_start, w.owned_end):
-                    pos = piece - w.piece_start + w.offset
-                    preds[piece] = best[r][pos]
-                    ps[piece] = best_p[r][pos]
-    out = []
-    for t, enc in enumerate(encodings):
-        out.append([
-            (None, 0.0) if p < 0 else (loaded.labels[piece_pred[t][p]], piece_prob[t][p]) for p in enc.first_piece
-        ])
-    return out
+        for rows, ids, mask in padded_batches(loaded, windows, batch_size):
+            predictions.add(rows, forward_logits(loaded, ids, mask))
+    return predictions.token_tags(loaded.labels)

@@ -590,9 +590,9 @@ def noise_docbin(
     noisy Doc has ``user_data["ocrnoise_alignment"]`` (noisy token -> original token indices).
     Returns the achieved error counts.
     """
-    from spacy.tokens import Doc, DocBin, Span
+    from spacy.tokens import Doc, Span
 
-    from .hipe import DOC_EXT, TOKEN_EXT, blank_vocab, read_docbin, register_extensions
+    from .hipe import DOC_EXT, TOKEN_EXT, blank_vocab, doc_bio_tags, read_docbin, register_extensions, write_docbin
 
     register_extensions()
     docs = read_docbin(in_path)
@@ -606,10 +606,7 @@ def noise_docbin(
         iterator = tqdm(docs, desc=f"noise ({method}, {level})", unit="doc")
     for n, doc in enumerate(iterator):
         info = doc._.get(DOC_EXT)
-        tags = ["O"] * len(doc)
-        for ent in doc.ents:
-            for i in range(ent.start, ent.end):
-                tags[i] = ("B-" if i == ent.start else "I-") + ent.label_
+        tags = doc_bio_tags(doc)
         if doc.has_annotation("SENT_START"):
             bounds = [(s.start, s.end) for s in doc.sents]
         else:
@@ -651,9 +648,7 @@ def noise_docbin(
                 tok._.set(TOKEN_EXT, values)
         new_doc.user_data["ocrnoise_alignment"] = alignment
         out_docs.append(new_doc)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    DocBin(store_user_data=True, docs=out_docs).to_disk(out_path)
+    write_docbin(out_docs, out_path)
     return counts
 
 

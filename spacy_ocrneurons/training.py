@@ -189,12 +189,11 @@ def sentence_text(words: Sequence[str], spaces: Sequence[bool]) -> Tuple[str, Li
 
 def docs_to_sentences(docs: Iterable[Any]) -> List[Sentence]:
     """Sentences from spaCy Docs (per ``doc.sents`` when set, else per Doc); whitespace tokens are dropped."""
+    from .hipe import doc_bio_tags
+
     out: List[Sentence] = []
     for doc in docs:
-        tags = ["O"] * len(doc)
-        for ent in doc.ents:
-            for i in range(ent.start, ent.end):
-                tags[i] = ("B-" if i == ent.start else "I-") + ent.label_
+        tags = doc_bio_tags(doc)
         spans = list(doc.sents) if doc.has_annotation("SENT_START") else [doc[:]]
         for span in spans:
             words: List[str] = []
@@ -287,15 +286,12 @@ def collate(examples: Sequence[TrainingExample], pad_id: int) -> Tuple[Any, Any,
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding) tensors."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    from .modeling import pad_batch
+
+    ids, mask = pad_batch([e.input_ids for e in examples], pad_id)
+    labels = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
     for r, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[r, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[r, :n] = 1
-        labels[r, :n] = torch.tensor(e.labels, dtype=torch.long)
+        labels[r, : len(e.input_ids)] = torch.tensor(e.labels, dtype=torch.long)
     return ids, mask, labels
 
 

@@ -1,6 +1,5 @@
 """``ocrneurons annotate --engine ray`` on a small local Ray cluster (skipped without Ray)."""
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,16 +9,9 @@ spacy = pytest.importorskip("spacy")
 
 from spacy_ocrneurons import archives as A  # noqa: E402
 
+from .test_archives import FIXTURES, _save_pipeline  # noqa: E402  (same fixtures and entity-ruler pipeline)
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-FIXTURES = Path(__file__).parent / "fixtures" / "archives"
-PATTERNS = [
-    {"label": "LOC", "pattern": "Paris"},
-    {"label": "LOC", "pattern": "Lyon"},
-    {"label": "PER", "pattern": [{"LOWER": "washington"}]},
-    {"label": "ORG", "pattern": "Banque de France"},
-    {"label": "PER", "pattern": "Jean Dupont"},
-    {"label": "PER", "pattern": "Victor Hugo"},
-]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +26,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    nlp = spacy.blank("fr")
-    nlp.add_pipe("entity_ruler").add_patterns(PATTERNS)
-    path = tmp_path_factory.mktemp("ray_pipeline") / "ruler_fr"
-    nlp.to_disk(path)
-    return str(path)
+    return _save_pipeline(tmp_path_factory.mktemp("ray_pipeline") / "ruler_fr")
 
 
 def test_ray_engine_matches_local_engine(local_ray, pipeline, tmp_path):
