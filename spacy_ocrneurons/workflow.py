@@ -70,5 +70,6 @@ def assemble_pipeline(output: PathLike, model: PathLike, adapter: Optional[PathL
     })
     nlp.get_pipe("ocrneurons_ner").loaded  # noqa: B018  (fail now, not at first use, if anything is missing)
     out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
     nlp.to_disk(out)
     return out
