@@ -351,3 +351,30 @@ def test_pickled_component_reloads_lazily_instead_of_copying_weights(tmp_path, t
     clone = pickle.loads(pickle.dumps(ner))
     assert clone._loaded is None
     assert [(e.text, e.label_) for e in clone(nlp.make_doc("Paris et Lyon")).ents] == expected
+
+
+def test_other_gated_mlp_family_qwen2_works_through_the_component(tmp_path, tokenizer, labels):
+    """Families with the same mlp.up_proj/gate_proj/down_proj names (here Qwen2) work without special-casing."""
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+
+    from spacy_ocrneurons.modeling import save_label_map
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=len(labels),
+                         id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    Qwen2ForTokenClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    save_label_map(tmp_path, labels)
+    profile = _profile_for(tmp_path, {1: [0, 7, 47]}, factor=0.0)
+    loaded = load_token_classifier(tmp_path)
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(FRENCH_TEXTS[0], add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode(), profile.apply(loaded.model):
+        hooked = forward_logits(loaded, ids, torch.ones_like(ids))
+    profile.fold(loaded.model)
+    with torch.inference_mode():
+        folded = forward_logits(loaded, ids, torch.ones_like(ids))
+    assert torch.allclose(hooked, folded, atol=1e-5)
+    nlp = spacy.blank("fr")
+    nlp.add_pipe("ocrneurons_ner", config={"model": str(tmp_path)})
+    assert len(nlp(FRENCH_TEXTS[0])) > 0
