@@ -74,6 +74,23 @@ def encode_text(tokenizer: Any, text: str, token_spans: Sequence[Tuple[int, int]
     return EncodedText(list(enc["input_ids"]), offsets, align_first_pieces(text, token_spans, offsets))
 
 
+def encode_texts(tokenizer: Any, items: Sequence[Tuple[str, Sequence[Tuple[int, int]]]]) -> List[EncodedText]:
+    """:func:`encode_text` for many ``(text, token_spans)`` at once (one batched call to the fast tokenizer)."""
+    if not items:
+        return []
+    encode_text(tokenizer, "", [])  # checks the tokenizer is fast
+    texts = [text for text, _ in items]
+    nonempty = [i for i, t in enumerate(texts) if t]
+    out = [EncodedText([], [], [-1] * len(spans)) for _, spans in items]
+    if nonempty:
+        enc = tokenizer([texts[i] for i in nonempty], add_special_tokens=False, return_offsets_mapping=True,
+                        return_attention_mask=False)
+        for j, i in enumerate(nonempty):
+            offsets = [tuple(o) for o in enc["offset_mapping"][j]]
+            out[i] = EncodedText(list(enc["input_ids"][j]), offsets, align_first_pieces(texts[i], items[i][1], offsets))
+    return out
+
+
 @dataclass
 class Window:
     """A slice ``[start, end)`` of a text's pieces, fed to the model as one sequence (BOS prepended if used)."""

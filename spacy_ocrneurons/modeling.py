@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .alignment import EncodedText, encode_text, plan_windows
+from .alignment import EncodedText, encode_text, encode_texts, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def pack_batches(lengths: Sequence[int], token_budget: int) -> List[List[int]]:
 def encode_windows(tokenizer: Any, items: Sequence[Tuple[str, Sequence[Tuple[int, int]]]], max_length: int,
                    stride: int) -> Tuple[List[EncodedText], List[WindowInput]]:
     """Encode each ``(text, token_spans)`` and split it into model inputs (a text without pieces gets none)."""
-    encodings = [encode_text(tokenizer, text, spans) for text, spans in items]
+    encodings = encode_texts(tokenizer, items)
     windows: List[WindowInput] = []
     for i, enc in enumerate(encodings):
         if enc.input_ids:
@@ -291,11 +291,8 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> Tuple[Any, Any]:
     import torch
 
     width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[r, : len(row)] = 1
+    ids = torch.tensor([list(row) + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
     return ids, mask
 
 
@@ -325,11 +322,10 @@ class PiecePredictions:
         best_p, best = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         best_p, best = best_p.cpu().tolist(), best.cpu().tolist()
         for r, w in enumerate(rows):
-            preds, ps = self.pred[w.text_index], self.prob[w.text_index]
-            for piece in range(w.owned_start, w.owned_end):
-                pos = piece - w.piece_start + w.offset
-                preds[piece] = best[r][pos]
-                ps[piece] = best_p[r][pos]
+            first = w.owned_start - w.piece_start + w.offset
+            last = first + (w.owned_end - w.owned_start)
+            self.pred[w.text_index][w.owned_start:w.owned_end] = best[r][first:last]
+            self.prob[w.text_index][w.owned_start:w.owned_end] = best_p[r][first:last]
 
     def token_tags(self, labels: Sequence[str]) -> List[List[Tuple[Optional[str], float]]]:
         """Per-token ``(tag, probability)`` of each text from its first piece (``(None, 0.0)`` without one)."""
