@@ -153,7 +153,6 @@ def fill_unowned(tags: Sequence[Optional[str]]) -> List[str]:
     entity X (the next one continuing it with ``I-X``), else ``O``. Keeps entities contiguous across odd
     whitespace and pieces shared between tokens, never starts an entity on such a token."""
     out: List[str] = []
-    n = len(tags)
     for i, tag in enumerate(tags):
         if tag is not None:
             out.append(tag)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .alignment import EncodedText, encode_text, encode_texts, plan_windows
+from .alignment import EncodedText, encode_texts, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,6 @@ def load_token_classifier(model: Union[str, Path], adapter: Union[str, Path, Non
     The label order comes from the adapter's ``labels.json`` (or the checkpoint's ``labels.json``/``id2label``).
     Unsupported architectures raise :class:`~spacy_ocrneurons.architectures.UnsupportedArchitectureError`.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     from .architectures import decoder_layers

@@ -8,7 +8,6 @@ import pytest
 import spacy
 import torch
 
-from spacy_ocrneurons.alignment import label_list
 from spacy_ocrneurons.component import ConfigError
 from spacy_ocrneurons.modeling import ModelLoadError, forward_logits, load_token_classifier
 from spacy_ocrneurons.profile import NeutralizationProfile, ProfileError
@@ -302,7 +301,7 @@ def test_bad_profiles_name_profile_layer_and_value(tmp_path, llama_checkpoint, m
 
 
 def test_profile_file_round_trip_keeps_unknown_fields(tmp_path):
-    data = _profile_dict = {
+    data = {
         "format": "spacy-ocrneurons/profile", "version": 1, "model": {"num_hidden_layers": 2},
         "site": "mlp.up_proj", "factor": 0.5, "neurons": {"3": [12], "2": [455, 17]},
         "provenance": {"method": "test"}, "heads": {"1": [0, 3]},
