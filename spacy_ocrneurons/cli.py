@@ -222,6 +222,7 @@ def train_cmd(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUTPUT/checkpoint if present (same settings required)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with the training loss."),
+    unit: str = typer.Option("sentence", "--unit", help="Training unit: sentence, segment or document (documents are windowed over word pieces, as the component reads pages)."),
 ):
     """LoRA fine-tuning of a token classifier on a Llama/Mistral base, selecting the best adapter on dev.
 
@@ -244,9 +245,9 @@ def train_cmd(
             import torch
 
             torch.set_num_threads(threads)
-        train_data = load_sentences(train, col)
-        dev_data = load_sentences(dev, col)
-        noisy_data = load_sentences(noisy_train, col) if noisy_train else None
+        train_data = load_sentences(train, col, unit=unit)
+        dev_data = load_sentences(dev, col, unit=unit)
+        noisy_data = load_sentences(noisy_train, col, unit=unit) if noisy_train else None
         result = train_token_classifier(base, train_data, dev_data, output, noisy_train_data=noisy_data,
                                         resume=resume, progress=progress, **settings)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -187,14 +187,15 @@ def sentence_text(words: Sequence[str], spaces: Sequence[bool]) -> Tuple[str, Li
     return "".join(parts), spans
 
 
-def docs_to_sentences(docs: Iterable[Any]) -> List[Sentence]:
-    """Sentences from spaCy Docs (per ``doc.sents`` when set, else per Doc); whitespace tokens are dropped."""
+def docs_to_sentences(docs: Iterable[Any], split_sentences: bool = True) -> List[Sentence]:
+    """Sentences from spaCy Docs (per ``doc.sents`` when set and ``split_sentences``, else one per Doc);
+    whitespace tokens are dropped."""
     from .hipe import doc_bio_tags
 
     out: List[Sentence] = []
     for doc in docs:
         tags = doc_bio_tags(doc)
-        spans = list(doc.sents) if doc.has_annotation("SENT_START") else [doc[:]]
+        spans = list(doc.sents) if split_sentences and doc.has_annotation("SENT_START") else [doc[:]]
         for span in spans:
             words: List[str] = []
             stags: List[str] = []
@@ -215,19 +216,30 @@ def docs_to_sentences(docs: Iterable[Any]) -> List[Sentence]:
     return out
 
 
-def load_sentences(path: PathLike, column: str = "NE-COARSE-LIT", lang: str = "fr") -> List[Sentence]:
-    """Read sentences ``(words, tags, spaces)`` from a HIPE ``.tsv`` file or a spaCy ``.spacy`` DocBin."""
+UNITS = ("sentence", "segment", "document")
+
+
+def load_sentences(path: PathLike, column: str = "NE-COARSE-LIT", lang: str = "fr", unit: str = "sentence") -> List[Sentence]:
+    """Read training units ``(words, tags, spaces)`` from a HIPE ``.tsv`` file or a spaCy ``.spacy`` DocBin.
+
+    ``unit``: ``sentence`` (split on EndOfSentence / ``doc.sents``), ``segment`` (HIPE segments) or ``document``
+    (whole documents, windowed over word pieces like the component does on pages)."""
+    if unit not in UNITS:
+        raise ValueError(f"Unknown unit {unit!r}; choose one of {', '.join(UNITS)}.")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Data file not found: {path}")
     if path.suffix == ".tsv":
-        from .hipe import iter_sentences, read_hipe_tsv
+        from .hipe import hipe_to_docs, iter_sentences, read_hipe_tsv
 
-        return [(w, t, s) for w, t, s in iter_sentences(read_hipe_tsv(path), column) if w]
+        if unit == "sentence":
+            return [(w, t, s) for w, t, s in iter_sentences(read_hipe_tsv(path), column) if w]
+        docs = hipe_to_docs(read_hipe_tsv(path), column=column, split=unit)
+        return [x for x in docs_to_sentences(docs, split_sentences=False) if x[0]]
     if path.suffix == ".spacy":
         from .hipe import read_docbin
 
-        return docs_to_sentences(read_docbin(path, lang=lang))
+        return docs_to_sentences(read_docbin(path, lang=lang), split_sentences=unit == "sentence")
     raise ValueError(f"Unsupported data file {str(path)!r}: expected a HIPE .tsv or a spaCy .spacy DocBin.")
 
 

@@ -364,3 +364,19 @@ def test_cli_pretrain_base_and_train(tmp_path):
     r = runner.invoke(app, ["train", "--base", str(tmp_path / "nowhere"), "--train", str(tmp_path / "train.tsv"),
                             "--dev", str(tmp_path / "dev.tsv"), "--output", str(tmp_path / "x")])
     assert r.exit_code == 1 and "config.json" in r.output
+
+
+def test_document_unit_keeps_whole_documents_with_every_entity(tmp_path):
+    """`--unit document` trains on whole pages (windowed later), not sentences; nothing is dropped either way."""
+    from spacy_ocrneurons.sample_data import sample_path
+    from spacy_ocrneurons.training import load_sentences
+
+    path = sample_path("dev")
+    sentences = load_sentences(path, unit="sentence")
+    documents = load_sentences(path, unit="document")
+    assert len(documents) < len(sentences)
+    assert sum(len(w) for w, _, _ in documents) == sum(len(w) for w, _, _ in sentences)
+    n_ents = lambda units: sum(t.startswith("B-") for _, tags, _ in units for t in tags)  # noqa: E731
+    assert n_ents(documents) == n_ents(sentences) > 0
+    with pytest.raises(ValueError, match="unit"):
+        load_sentences(path, unit="page")
