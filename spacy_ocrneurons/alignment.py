@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from spacy.util import registry
 
+from .hipe import bio_spans, repair_bio
+
 IGNORE_INDEX = -100
 
 
@@ -132,22 +134,6 @@ def plan_windows(n_pieces: int, max_length: int, stride: int, doc_index: int = 0
     return windows
 
 
-def repair_bio(tags: Sequence[str]) -> List[str]:
-    """Make a BIO sequence valid: an ``I-X`` that does not continue an ``X`` entity becomes ``B-X``."""
-    out: List[str] = []
-    prev = "O"
-    for tag in tags:
-        if tag.startswith("I-"):
-            label = tag[2:]
-            if prev == "O" or prev[2:] != label:
-                tag = "B-" + label
-        elif not (tag == "O" or tag.startswith("B-")):
-            tag = "O"
-        out.append(tag)
-        prev = tag
-    return out
-
-
 def fill_unowned(tags: Sequence[Optional[str]]) -> List[str]:
     """Tags for tokens without a piece of their own (``None``): ``I-X`` when both neighbours belong to the same
     entity X (the next one continuing it with ``I-X``), else ``O``. Keeps entities contiguous across odd
@@ -166,29 +152,18 @@ def fill_unowned(tags: Sequence[Optional[str]]) -> List[str]:
     return out
 
 
-def bio_to_spans(tags: Sequence[str]) -> List[Tuple[int, int, str]]:
-    """Token-index spans ``(start, end, label)`` of a (repaired) BIO sequence."""
-    spans: List[Tuple[int, int, str]] = []
-    start, label = None, None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        if tag.startswith("B-") or tag == "O" or (tag.startswith("I-") and tag[2:] != label):
-            if start is not None:
-                spans.append((start, i, label))
-                start, label = None, None
-            if tag.startswith(("B-", "I-")):
-                start, label = i, tag[2:]
-    return spans
-
-
 def decode_bio(token_tags: Sequence[Optional[str]]) -> List[Tuple[int, int, str]]:
-    """Entity spans from per-token tags (``None`` = token without its own piece), with BIO repair."""
-    return bio_to_spans(repair_bio(fill_unowned(repair_bio_keep_none(token_tags))))
+    """Entity spans from per-token tags (``None`` = token without its own piece), with BIO repair.
+
+    After the repair, :func:`fill_unowned` only continues an entity the next token continues, so the sequence
+    stays valid."""
+    return bio_spans(fill_unowned(repair_bio_keep_none(token_tags)))
 
 
 def repair_bio_keep_none(tags: Sequence[Optional[str]]) -> List[Optional[str]]:
-    """:func:`repair_bio` over the tokens that have a tag, skipping ``None`` (unowned) tokens."""
+    """:func:`hipe.repair_bio` over the tokens that have a tag, skipping ``None`` (unowned) tokens."""
     owned = [t for t in tags if t is not None]
-    fixed = iter(repair_bio(owned))
+    fixed = iter(repair_bio(owned, outside="O"))
     return [None if t is None else next(fixed) for t in tags]
 
 

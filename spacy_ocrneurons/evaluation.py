@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .hipe import doc_bio_tags
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -106,13 +108,6 @@ def _entities(entities_cls: Any, seqs: List[List[str]], scheme: Any) -> List[Any
     return [e for sent in entities_cls(seqs, scheme, suffix=False).entities for e in sent]
 
 
-def doc_bio(doc: Any) -> List[str]:
-    """IOB2 tags of a spaCy Doc's ``ents``."""
-    from .hipe import spans_to_bio
-
-    return spans_to_bio(len(doc), [(e.start, e.end, e.label_) for e in doc.ents])
-
-
 def tags_from_token_predictions(token_tags: Sequence[Tuple[Optional[str], float]]) -> List[str]:
     """IOB2 tags from ``modeling.tag_texts`` output for one text (decoded and repaired with ``decode_bio``)."""
     from .alignment import decode_bio
@@ -141,7 +136,7 @@ class EvalSet:
     def gold(self) -> List[List[str]]:
         """Gold IOB2 tags per unit (computed once)."""
         if self._gold is None:
-            self._gold = [doc_bio(d) for d in self.docs]
+            self._gold = [doc_bio_tags(d) for d in self.docs]
         return self._gold
 
     @property
@@ -793,13 +788,13 @@ def _copy_doc(doc: Any, vocab: Any, keep_ents: bool = False) -> Any:
 def pipeline_predictions(nlp: Any, docs: Sequence[Any], batch_size: int = 16) -> List[List[str]]:
     """Run ``nlp`` on fresh copies of ``docs`` (same tokens, no gold entities) and return predicted IOB2 tags."""
     inputs = [_copy_doc(d, nlp.vocab) for d in docs]
-    return [doc_bio(d) for d in nlp.pipe(inputs, batch_size=batch_size)]
+    return [doc_bio_tags(d) for d in nlp.pipe(inputs, batch_size=batch_size)]
 
 
 def score_pipeline(nlp: Any, docs: Union[EvalSet, Sequence[Any]], batch_size: int = 16) -> Dict[str, Any]:
     """Strict seqeval scores of any spaCy pipeline's ``ents`` against gold Docs (or an :class:`EvalSet`)."""
     docs = docs.docs if isinstance(docs, EvalSet) else list(docs)
-    return score_tags([doc_bio(d) for d in docs], pipeline_predictions(nlp, docs, batch_size))
+    return score_tags([doc_bio_tags(d) for d in docs], pipeline_predictions(nlp, docs, batch_size))
 
 
 def evaluate_pipeline(pipeline: PathLike, sets: Mapping[str, Mapping[str, PathLike]], *, name: str = "spaCy pipeline",

@@ -25,12 +25,11 @@ import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .alignment import IGNORE_INDEX, bio_to_spans, decode_bio, encode_text, label_list, piece_labels
+from .alignment import IGNORE_INDEX, encode_text, label_list, piece_labels
 
 logger = logging.getLogger(__name__)
 
@@ -312,50 +311,25 @@ def collate(examples: Sequence[TrainingExample], pad_id: int) -> Tuple[Any, Any,
 # ------------------------------------------------------------------------------------------------
 
 
-def spans_to_tags(n: int, spans: Iterable[Tuple[int, int, str]]) -> List[str]:
-    """BIO tags of ``n`` tokens from entity spans ``(start, end, label)``."""
-    tags = ["O"] * n
-    for start, end, label in spans:
-        tags[start] = "B-" + label
-        for i in range(start + 1, end):
-            tags[i] = "I-" + label
-    return tags
-
-
 def predict_sentences(loaded: Any, sentences: Sequence[Sentence], *, max_length: int = 512, stride: int = 64,
                       batch_size: int = 4096) -> List[List[str]]:
     """Predicted BIO tags per sentence with :func:`modeling.tag_texts` and the component's BIO decoding."""
+    from .evaluation import tags_from_token_predictions
     from .modeling import tag_texts
 
     items = [sentence_text(w, s) for w, _, s in sentences]
     tagged = tag_texts(loaded, items, max_length=max_length, stride=stride, batch_size=batch_size)
-    return [spans_to_tags(len(tt), decode_bio([t for t, _ in tt])) for tt in tagged]
-
-
-def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> Dict[str, float]:
-    """seqeval strict (IOB2) entity micro precision/recall/F1."""
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2
-
-    gold = [list(g) for g in gold]
-    pred = [list(p) for p in pred]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # UndefinedMetricWarning when there are no entities
-        kw = dict(mode="strict", scheme=IOB2, average="micro", zero_division=0)
-        return {
-            "precision": float(precision_score(gold, pred, **kw)),
-            "recall": float(recall_score(gold, pred, **kw)),
-            "f1": float(f1_score(gold, pred, **kw)),
-            "n_gold": sum(len(bio_to_spans(g)) for g in gold),
-            "n_pred": sum(len(bio_to_spans(p)) for p in pred),
-        }
+    return [tags_from_token_predictions(tt) for tt in tagged]
 
 
 def evaluate_sentences(loaded: Any, sentences: Sequence[Sentence], *, max_length: int = 512, stride: int = 64,
                        batch_size: int = 4096) -> Dict[str, float]:
     """Entity micro P/R/F1 (seqeval strict, IOB2) of a loaded model on gold sentences."""
+    from .evaluation import score_tags
+
     pred = predict_sentences(loaded, sentences, max_length=max_length, stride=stride, batch_size=batch_size)
-    return entity_scores([t for _, t, _ in sentences], pred)
+    scores = score_tags([t for _, t, _ in sentences], pred)
+    return {k: scores[k] for k in ("precision", "recall", "f1", "n_gold", "n_pred")}
 
 
 # ------------------------------------------------------------------------------------------------
