@@ -64,23 +64,16 @@ def align_first_pieces(text: str, token_spans: Sequence[Tuple[int, int]],
 
 def encode_text(tokenizer: Any, text: str, token_spans: Sequence[Tuple[int, int]]) -> EncodedText:
     """Tokenize ``text`` once (no special tokens) and align pieces to ``token_spans``."""
+    return encode_texts(tokenizer, [(text, token_spans)])[0]
+
+
+def encode_texts(tokenizer: Any, items: Sequence[Tuple[str, Sequence[Tuple[int, int]]]]) -> List[EncodedText]:
+    """:func:`encode_text` for many ``(text, token_spans)`` at once (one batched call to the fast tokenizer)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is not a fast tokenizer: spacy-ocrneurons needs character offsets "
             "(save the tokenizer with `tokenizers`/`PreTrainedTokenizerFast`, i.e. a tokenizer.json)."
         )
-    if not text:
-        return EncodedText([], [], [-1] * len(token_spans))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    return EncodedText(list(enc["input_ids"]), offsets, align_first_pieces(text, token_spans, offsets))
-
-
-def encode_texts(tokenizer: Any, items: Sequence[Tuple[str, Sequence[Tuple[int, int]]]]) -> List[EncodedText]:
-    """:func:`encode_text` for many ``(text, token_spans)`` at once (one batched call to the fast tokenizer)."""
-    if not items:
-        return []
-    encode_text(tokenizer, "", [])  # checks the tokenizer is fast
     texts = [text for text, _ in items]
     nonempty = [i for i, t in enumerate(texts) if t]
     out = [EncodedText([], [], [-1] * len(spans)) for _, spans in items]
@@ -138,13 +131,20 @@ def fill_unowned(tags: Sequence[Optional[str]]) -> List[str]:
     """Tags for tokens without a piece of their own (``None``): ``I-X`` when both neighbours belong to the same
     entity X (the next one continuing it with ``I-X``), else ``O``. Keeps entities contiguous across odd
     whitespace and pieces shared between tokens, never starts an entity on such a token."""
+    following: List[str] = []  # following[i]: the next owned tag after token i (one backward pass)
+    nxt = "O"
+    for tag in reversed(tags):
+        following.append(nxt)
+        if tag is not None:
+            nxt = tag
+    following.reverse()
     out: List[str] = []
     for i, tag in enumerate(tags):
         if tag is not None:
             out.append(tag)
             continue
         prev = out[-1] if out else "O"
-        nxt = next((t for t in tags[i + 1:] if t is not None), "O")
+        nxt = following[i]
         if prev != "O" and nxt.startswith("I-") and nxt[2:] == prev[2:]:
             out.append("I-" + prev[2:])
         else:

@@ -20,7 +20,8 @@ from spacy.training import Example
 from spacy.util import SimpleFrozenList, ensure_path
 
 from .alignment import decode_bio, token_char_spans
-from .modeling import DTYPES, LABELS_FILE, LoadedModel, ModelLoadError, load_token_classifier, read_label_map, save_label_map
+from .modeling import (DTYPES, LABELS_FILE, LoadedModel, ModelLoadError, load_token_classifier, load_tokenizer,
+                       read_label_map, save_label_map)
 from .profile import NeutralizationProfile
 
 logger = logging.getLogger(__name__)
@@ -205,9 +206,7 @@ class OcrNeuronsNER(Pipe):
         if saved:
             loaded.bidirectional = bool(saved.get("bidirectional"))
         if self._tokenizer_dir:
-            from .modeling import _load_tokenizer
-
-            loaded.tokenizer = _load_tokenizer([self._tokenizer_dir], True)
+            loaded.tokenizer = load_tokenizer([self._tokenizer_dir], True)
         if profile is not None:
             profile.fold(loaded.model, cfg["factor"])
         elif cfg["factor"] is not None:

@@ -110,7 +110,8 @@ def _check_dir(path: Union[str, Path], what: str, local_files_only: bool) -> Opt
     return None
 
 
-def _load_tokenizer(sources: Sequence[Union[str, Path]], local_files_only: bool) -> Any:
+def load_tokenizer(sources: Sequence[Union[str, Path, None]], local_files_only: bool) -> Any:
+    """The first fast tokenizer found in ``sources`` (directories or hub ids), with a pad token set."""
     from transformers import AutoTokenizer
 
     errors = []
@@ -192,7 +193,7 @@ def load_token_classifier(model: Union[str, Path], adapter: Union[str, Path, Non
             net = net.merge_and_unload()
     net.to(dev)
     net.eval()
-    tokenizer = _load_tokenizer([adapter_dir, base_dir or model], local_files_only)
+    tokenizer = load_tokenizer([adapter_dir, base_dir or model], local_files_only)
     return LoadedModel(
         model=net, tokenizer=tokenizer, labels=labels,
         bidirectional=bool(label_map and label_map.get("bidirectional")), device=dev, dtype=torch_dtype,
